@@ -1,0 +1,115 @@
+"""The classifier: a torchvision MobileNet whose forward takes the daemon's crops.
+
+Pre-processing travels with the weights: :class:`BeltNet` takes uint8 BGR
+crops ``(N, S, S, 3)`` exactly as OpenCV delivers them and does the
+BGR->RGB swap, the scaling and ImageNet normalisation inside ``forward``, so
+the exported ONNX graph carries them and nothing outside the model file
+needs to know the mean and std.
+
+Checkpoint format (``best.pt``, loadable with ``torch.load(weights_only=True)``)::
+
+    {
+        "format": "beltsort.checkpoint/1",
+        "arch": "mobilenet_v2",            # key of ARCHS
+        "img_size": 96,                    # S
+        "labels": ["red", ...],            # class names, index = class id
+        "state_dict": {...},               # BeltNet.state_dict()
+        "temperature": 1.3,                # calibrated on validation, 1.0 if not fitted
+        "weights_origin": "imagenet",      # "imagenet", "none" or the file path used
+        "dataset_fingerprint": "sha256:…", # of the training file list and bytes
+        "config": {...},                   # resolved training config (JSON types only)
+        "metrics": {"val_accuracy": 0.99, ...},
+        "created": "2026-12-03T19:00:00+00:00",
+    }
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+CHECKPOINT_FORMAT = "beltsort.checkpoint/1"
+
+# ImageNet mean and std in RGB order, as torchvision's classification transforms use.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# arch name -> (constructor, ImageNet weights enum member)
+ARCHS: dict[str, tuple[Callable[..., nn.Module], object]] = {
+    "mobilenet_v2": (
+        torchvision.models.mobilenet_v2,
+        torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1,
+    ),
+    "mobilenet_v3_small": (
+        torchvision.models.mobilenet_v3_small,
+        torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1,
+    ),
+    "mobilenet_v3_large": (
+        torchvision.models.mobilenet_v3_large,
+        torchvision.models.MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    ),
+}
+
+
+class BeltNet(nn.Module):
+    """uint8 BGR crops ``(N, S, S, 3)`` in, class logits ``(N, C)`` out."""
+
+    def __init__(self, backbone: nn.Module, img_size: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.img_size = img_size
+        # Folded into one scale and shift per channel: x * scale + shift equals
+        # (x / 255 - mean) / std, in RGB order after the channel swap.
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        # NHWC uint8 BGR -> NCHW float RGB, normalised
+        x = crops.permute(0, 3, 1, 2)[:, [2, 1, 0]].float()
+        x = x * self.scale + self.shift
+        return self.backbone(x)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.backbone.classifier[-1]
+
+
+def build_model(arch: str, num_classes: int, img_size: int, weights: str = "imagenet") -> BeltNet:
+    """A BeltNet with a fresh ``num_classes`` head.
+
+    ``weights``: ``"imagenet"`` (torchvision's official file, from its cache or
+    downloaded; ``python -m training weights fetch`` fills the cache offline),
+    ``"none"`` (random init, training from scratch), or a path to a torchvision
+    state-dict file of the same architecture.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    constructor, imagenet = ARCHS[arch]
+    if weights == "imagenet":
+        backbone = constructor(weights=imagenet)
+    elif weights == "none":
+        backbone = constructor(weights=None)
+    else:
+        backbone = constructor(weights=None)
+        state = torch.load(Path(weights), map_location="cpu", weights_only=True)
+        backbone.load_state_dict(state)
+    old = backbone.classifier[-1]
+    backbone.classifier[-1] = nn.Linear(old.in_features, num_classes)
+    return BeltNet(backbone, img_size)
+
+
+def load_checkpoint(path: str | Path) -> tuple[BeltNet, dict]:
+    """Rebuild the model saved in ``best.pt``; returns ``(model in eval mode, checkpoint dict)``."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a beltsort checkpoint ({CHECKPOINT_FORMAT})")
+    model = build_model(ckpt["arch"], len(ckpt["labels"]), ckpt["img_size"], weights="none")
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt
