@@ -21,11 +21,18 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     try:
         return main(argv)
     except BeltsortError as exc:
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "beltsort"
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{_program_name()}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _program_name() -> str:
+    """``python -m training`` rather than ``__main__.py`` in error lines."""
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("beltsort")
+    if script.name == "__main__.py":
+        return f"python -m {script.parent.name}"
+    return script.name
 
 
 def setup_logging(level: str = "INFO") -> None:

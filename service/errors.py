@@ -11,7 +11,7 @@ of them into one line on stderr and exit status 2, never a traceback.
     ├── DatasetError      a training folder is missing, empty or unusable
     ├── ModelFileError    an ONNX file breaks the model contract
     ├── SourceError       a camera, stream or video cannot be opened or read
-    └── PublishError      the ZeroMQ endpoint cannot be bound
+    └── PublishError      a ZeroMQ endpoint cannot be bound or connected
 """
 
 from __future__ import annotations

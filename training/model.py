@@ -15,6 +15,8 @@ Checkpoint format (``best.pt``, loadable with ``torch.load(weights_only=True)``)
         "labels": ["red", ...],            # class names, index = class id
         "state_dict": {...},               # BeltNet.state_dict()
         "temperature": 1.3,                # calibrated on validation, 1.0 if not fitted
+        "input_norm": "none",              # optional; "greyworld": per-crop white balance
+                                           # in forward (absent = "none")
         "weights_origin": "imagenet",      # "imagenet", "none" or the file path used
         "dataset_fingerprint": "sha256:…", # of the training file list and bytes
         "config": {...},                   # resolved training config (JSON types only)
@@ -55,13 +57,22 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], object]] = {
 }
 
 
+# "greyworld": scale each channel so the crop's three channel means are equal
+# (their average kept) before ImageNet normalisation: a colour cast of the light
+# moves belt, metal and band alike, and this undoes it inside the model file.
+INPUT_NORMS = ("none", "greyworld")
+
+
 class BeltNet(nn.Module):
     """uint8 BGR crops ``(N, S, S, 3)`` in, class logits ``(N, C)`` out."""
 
-    def __init__(self, backbone: nn.Module, img_size: int) -> None:
+    def __init__(self, backbone: nn.Module, img_size: int, input_norm: str = "none") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm {input_norm!r} is not one of {', '.join(INPUT_NORMS)}")
         self.backbone = backbone
         self.img_size = img_size
+        self.input_norm = input_norm
         # Folded into one scale and shift per channel: x * scale + shift equals
         # (x / 255 - mean) / std, in RGB order after the channel swap.
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -72,6 +83,9 @@ class BeltNet(nn.Module):
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         # NHWC uint8 BGR -> NCHW float RGB, normalised
         x = crops.permute(0, 3, 1, 2)[:, [2, 1, 0]].float()
+        if self.input_norm == "greyworld":
+            means = x.mean(dim=(2, 3), keepdim=True).clamp_min(1.0)  # 1.0: an all-black crop
+            x = x * (means.mean(dim=1, keepdim=True) / means)
         x = x * self.scale + self.shift
         return self.backbone(x)
 
@@ -80,7 +94,13 @@ class BeltNet(nn.Module):
         return self.backbone.classifier[-1]
 
 
-def build_model(arch: str, num_classes: int, img_size: int, weights: str = "imagenet") -> BeltNet:
+def build_model(
+    arch: str,
+    num_classes: int,
+    img_size: int,
+    weights: str = "imagenet",
+    input_norm: str = "none",
+) -> BeltNet:
     """A BeltNet with a fresh ``num_classes`` head.
 
     ``weights``: ``"imagenet"`` (torchvision's official file, from its cache or
@@ -101,7 +121,7 @@ def build_model(arch: str, num_classes: int, img_size: int, weights: str = "imag
         backbone.load_state_dict(state)
     old = backbone.classifier[-1]
     backbone.classifier[-1] = nn.Linear(old.in_features, num_classes)
-    return BeltNet(backbone, img_size)
+    return BeltNet(backbone, img_size, input_norm)
 
 
 def load_checkpoint(path: str | Path) -> tuple[BeltNet, dict]:
@@ -109,7 +129,13 @@ def load_checkpoint(path: str | Path) -> tuple[BeltNet, dict]:
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a beltsort checkpoint ({CHECKPOINT_FORMAT})")
-    model = build_model(ckpt["arch"], len(ckpt["labels"]), ckpt["img_size"], weights="none")
+    model = build_model(
+        ckpt["arch"],
+        len(ckpt["labels"]),
+        ckpt["img_size"],
+        weights="none",
+        input_norm=ckpt.get("input_norm", "none"),
+    )
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
     return model, ckpt

@@ -1,0 +1,146 @@
+"""``python -m training synth``: a real H.264 file with matching truth, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from service.simulator import BeltSimulator
+
+SUBPROCESS_TIMEOUT_S = 120
+
+
+def _synth(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training", "synth", *args],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+        cwd=cwd,
+    )
+
+
+def _locator_ready() -> bool:
+    from service.locate import Locator
+
+    try:
+        Locator()
+    except NotImplementedError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_video_is_a_real_h264_file_with_matching_truth(tmp_path):
+    out = tmp_path / "clips" / "belt.mp4"  # the folder does not exist yet
+    result = _synth(
+        "video", "--out", str(out), "--seconds", "2", "--fps", "15",
+        "--size", "320x240", "--rate", "3", "--seed", "4",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "30 frames" in result.stdout and len(result.stdout.strip().splitlines()) == 1
+
+    # OpenCV decodes every frame, at the right size, close to what the simulator rendered
+    capture = cv2.VideoCapture(str(out))
+    assert capture.isOpened()
+    decoded = []
+    while True:
+        ok, image = capture.read()
+        if not ok:
+            break
+        decoded.append(image)
+    capture.release()
+    assert len(decoded) == 30
+    assert decoded[0].shape == (240, 320, 3)
+    rendered = BeltSimulator(320, 240, fps=15, rate=3, seed=4).next_frame().image
+    mse = np.mean((decoded[0].astype(float) - rendered) ** 2)
+    assert 10 * np.log10(255**2 / mse) > 28  # PSNR in dB: the same picture, encoded
+
+    # The truth: one screw a line, trajectories inside the clip
+    lines = (tmp_path / "clips" / "belt.truth.jsonl").read_text().splitlines()
+    tracks = [json.loads(line) for line in lines]
+    assert tracks and len({t["id"] for t in tracks}) == len(tracks)
+    for t in tracks:
+        assert set(t) >= {"id", "label", "length", "width", "trajectory"}
+        assert 40 <= t["length"] <= 200
+        frames = [p["frame"] for p in t["trajectory"]]
+        assert frames == sorted(frames) and frames[0] >= 0 and frames[-1] < 30
+        full = [p["frame"] for p in t["trajectory"] if p["fully_visible"]]
+        assert t["first_fully_visible"] == (full[0] if full else None)
+        assert t["last_fully_visible"] == (full[-1] if full else None)
+        for p in t["trajectory"]:
+            x, y, w, h = p["bbox"]
+            assert x >= 0 and y >= 0 and x + w <= 320 and y + h <= 240
+            assert 0 <= p["angle"] < 180
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--size", "12x"], ["'12x'", "WIDTHxHEIGHT"]),
+        (["--size", "321x240"], ["321x240", "even"]),
+        (["--rate", "-1"], ["'-1'", "[0.0, 50.0]"]),
+        (["--seconds", "0"], ["'0'", "(0.0, 86400.0]"]),
+        (["--fps", "10"], ["'10'", "[15.0, 120.0]"]),
+        (["--fps", "121"], ["'121'", "[15.0, 120.0]"]),
+    ],
+)
+def test_bad_video_input_is_one_clear_line_and_exit_2(tmp_path, args, words):
+    base = {"--out": str(tmp_path / "belt.mp4"), "--seconds": "1"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    result = _synth("video", *[x for pair in base.items() for x in pair])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert not (tmp_path / "belt.mp4").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_unwritable_output_folder_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    result = _synth("video", "--out", str(locked / "belt.mp4"), "--seconds", "1")
+    assert result.returncode == 2 and "not writable" in result.stderr
+
+
+def test_uncreatable_output_folder_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    video = _synth("video", "--out", str(blocker / "sub" / "belt.mp4"), "--seconds", "1")
+    crops = _synth("crops", "--out", str(blocker / "crops"), "--per-class", "1")
+    for result in (video, crops):
+        assert result.returncode == 2
+        assert "cannot create output folder" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_crops_input_is_refused(tmp_path):
+    result = _synth("crops", "--out", str(tmp_path), "--per-class", "0")
+    assert result.returncode == 2 and "'0' is outside [1, 100000]" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _locator_ready(), reason="service.locate.Locator is not implemented yet")
+def test_crops_dataset_is_balanced_and_cut_by_the_locator(tmp_path):
+    result = _synth(
+        "crops", "--out", str(tmp_path), "--per-class", "2", "--size", "64",
+        "--frame-size", "640x360", "--seed", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 20
+    for folder in folders:
+        files = sorted(folder.glob("*.png"))
+        assert [f.name for f in files] == [f"{folder.name}_0000{i}.png" for i in (1, 2)]
+        crop = cv2.imread(str(files[0]))
+        assert crop.shape == (64, 64, 3)

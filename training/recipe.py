@@ -1,0 +1,49 @@
+"""The training recipe's knobs and their defaults, in one place, without torch.
+
+The command line takes its defaults from here, so ``--help`` never disagrees
+with what a run does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strengths of each augmentation (probabilities and ranges)."""
+
+    flip_p: float = 0.5  # each of horizontal and vertical
+    max_rotate_deg: float = 8.0  # the locator's angle error
+    max_shift: float = 0.06  # fraction of the crop side
+    scale_range: tuple[float, float] = (0.9, 1.1)
+    blur_p: float = 0.25
+    max_blur_sigma: float = 1.2
+    noise_p: float = 0.5
+    max_noise_std: float = 6.0  # in 0..255 units, a camera's sensor noise
+    brightness: tuple[float, float] = (0.7, 1.3)
+    contrast: tuple[float, float] = (0.8, 1.2)
+    white_balance: float = 0.10  # per-channel gain in [1 - wb, 1 + wb]
+
+
+@dataclass
+class FitConfig:
+    """Every knob of a training run; saved in ``config.json`` and the checkpoint."""
+
+    arch: str = "mobilenet_v2"
+    img_size: int = 96
+    weights: str = "imagenet"  # "imagenet", "none" or a state-dict path
+    input_norm: str = "none"  # see training.model.INPUT_NORMS
+    epochs: int = 35  # head + full phase
+    head_epochs: int = 2
+    batch_size: int = 32
+    lr_head: float = 1e-2
+    lr: float = 2e-3  # peak of the full phase's one-cycle schedule
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    patience: int = 6  # full-phase epochs without a better validation score
+    val_fraction: float = 0.2
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    augment: dict = field(default_factory=lambda: asdict(AugmentConfig()))
