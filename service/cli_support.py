@@ -63,9 +63,7 @@ def frame_size(text: str) -> tuple[int, int]:
         )
     width, height = int(parts[0]), int(parts[1])
     if not (160 <= width <= 3840 and 120 <= height <= 2160):
-        raise argparse.ArgumentTypeError(
-            f"size {text!r} is outside 160x120 .. 3840x2160"
-        )
+        raise argparse.ArgumentTypeError(f"size {text!r} is outside 160x120 .. 3840x2160")
     return width, height
 
 
