@@ -20,7 +20,14 @@ import time
 import cv2
 import numpy as np
 
-from service.cli_support import Parser, bounded_int, existing_file, frame_size, run_main
+from service.cli_support import (
+    Parser,
+    bounded_float,
+    bounded_int,
+    existing_file,
+    frame_size,
+    run_main,
+)
 from service.errors import SourceError
 from service.locate import Locator, cut_crop
 
@@ -60,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         "--frames", type=bounded_int(10, 100_000), default=150, help="frames to time (150)"
     )
     parser.add_argument("--seed", type=int, default=7, help="simulator seed (7)")
-    parser.add_argument("--rate", type=float, default=2.0, help="simulated screws per second (2)")
+    parser.add_argument(
+        "--rate", type=bounded_float(0.0, 50.0), default=2.0, help="simulated screws/s (2)"
+    )
     parser.add_argument(
         "--crop", type=bounded_int(8, 512), default=96, help="crop side S in px (96)"
     )

@@ -393,30 +393,38 @@ class Locator:
         centres = np.stack([x0 + x1, y0 + y1], axis=1) / 2
         thick_of = np.array([p.dims[1] for p in parts] + [0.0] * len(fragments))
         radii = np.hypot(x1 - x0, y1 - y0) / 2
+        # Only parts near the line of a main part's axis, not beyond reach of
+        # its ends, are examined (specks can number thousands): one matrix,
+        # main parts x all parts
+        dims = np.array([p.dims for p in parts]).reshape(-1, 3)
+        length, width = dims[:, :1], dims[:, 1:2]
+        angle = np.radians(dims[:, 2:])
+        own_centres = np.array([p.rect[0] for p in parts]).reshape(-1, 2)
+        offset_x = centres[None, :, 0] - own_centres[:, :1]
+        offset_y = centres[None, :, 1] - own_centres[:, 1:]
+        along = np.abs(offset_x * np.cos(angle) + offset_y * np.sin(angle))
+        across = np.abs(-offset_x * np.sin(angle) + offset_y * np.cos(angle))
+        # the other part must reach past an end (not lie alongside), within
+        # reach, on the axis: a fragment's centre within the main part's width,
+        # a main part's within both widths
         is_fragment = np.arange(len(boxes)) >= n_main
+        across_limit = width / 2 + 1.0 + np.where(is_fragment, 0.0, thick_of / 2)[None, :]
+        near_all = (
+            (along <= length / 2 + reach + radii[None, :])
+            & (along + radii[None, :] >= length / 2)
+            & (across <= across_limit)
+        )
+        # a round blob (a head alone) has no axis to speak of: any direction will do
+        round_blob = (length < 1.5 * width)[:, 0]
+        near_all[round_blob] = (
+            np.hypot(offset_x, offset_y)[round_blob]
+            <= radii[:n_main, None][round_blob] + reach + radii[None, :]
+        )
+        near_all[np.arange(n_main), np.arange(n_main)] = False
+
         examined: set[tuple[int, int]] = set()
         for i in range(n_main):
-            # Only parts near the line of part i's axis, not beyond reach of its
-            # ends, are examined (specks can number thousands)
-            length, width, angle = parts[i].dims
-            axis = np.array([math.cos(math.radians(angle)), math.sin(math.radians(angle))])
-            offset = centres - np.asarray(parts[i].rect[0])
-            along = np.abs(offset @ axis)
-            across = np.abs(offset @ np.array([-axis[1], axis[0]]))
-            # the other part must reach past an end of part i (not lie alongside),
-            # within reach, on the axis: a fragment's centre within part i's
-            # width, a main part's within both widths
-            across_limit = width / 2 + 1.0 + np.where(is_fragment, 0.0, thick_of / 2)
-            near = (
-                (along <= length / 2 + reach + radii)
-                & (along + radii >= length / 2)
-                & (across <= across_limit)
-            )
-            if length < 1.5 * width:
-                # a round blob (a head alone) has no axis to speak of: any
-                # direction will do
-                near = np.hypot(offset[:, 0], offset[:, 1]) <= radii[i] + reach + radii
-            near[i] = False
+            near = near_all[i]
             for j in np.flatnonzero(near):
                 pair = (min(i, j), max(i, j))
                 if pair in examined:
@@ -474,10 +482,9 @@ class Locator:
 
         # Gap along the joint axis between the parts' facing ends
         axis = np.array([math.cos(math.radians(angle)), math.sin(math.radians(angle))])
-        pa, pb = a.points @ axis, b.points @ axis
-        if pa.mean() > pb.mean():
-            pa, pb = pb, pa
+        if np.dot(a.rect[0], axis) > np.dot(b.rect[0], axis):
             a, b = b, a
+        pa, pb = a.points @ axis, b.points @ axis
         gap = float(pb.min() - pa.max())
         if gap > c.max_gap_ratio * length:
             return False
@@ -627,9 +634,12 @@ class Locator:
         belt = owner == 0
         if np.count_nonzero(belt) >= 8:
             ring = ring[belt]
+        # medians by partition (the upper middle for an even count: close enough)
         ring = ring.astype(np.int16)
-        median = np.median(ring, axis=0).astype(np.int16)
-        spread = MAD_TO_SIGMA * float(np.median(np.abs(ring - median).max(axis=1)))
+        middle = len(ring) // 2
+        median = np.partition(ring, middle, axis=0)[middle]
+        deviation = np.abs(ring - median).max(axis=1)
+        spread = MAD_TO_SIGMA * float(np.partition(deviation, middle)[middle])
         return median, spread
 
     # ---------------------------------------------------------------- measuring

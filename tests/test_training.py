@@ -30,6 +30,7 @@ from training.data import class_order, load_folder, read_crop, stratified_split,
 from training.metrics import classification_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.train
 SMALL = 48  # px: small enough to be fast, large enough for MobileNetV2's five poolings
 
 

@@ -20,6 +20,7 @@ pytest.importorskip("torch")
 from training.weights import FULL_SHA256, WeightsError, cache_path, verify
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.train
 V2_FILE = "mobilenet_v2-b0353104.pth"
 
 

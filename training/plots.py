@@ -116,6 +116,7 @@ def shots_curve(rows: Sequence[dict], path: Path) -> None:
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, "o-", label=method)
     ax.set_xscale("log")
+    ax.minorticks_off()  # the log axis would label 6, 7, 8... as 6x10^0
     shots = sorted({row["shots"] for row in rows})
     ax.set_xticks(shots, [str(s) for s in shots])
     ax.set_xlabel("training crops per class")
