@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -73,12 +73,26 @@ class _Track:
     drift: tuple[float, float] = (0.0, 0.0)  # own velocity minus the belt's, px/frame
     crossed: bool = False  # reported in TrackStep.crossed
     born_past: bool = False  # first seen on or past the line: it can never cross
+    # The longest recent view of the screw and its frame. A screw that a dark
+    # band splits is often seen as two pieces; this box, carried forward with
+    # the belt, tells its pieces from a new screw (see Tracker._adopt_pieces).
+    whole: Detection | None = None
+    whole_frame: int = 0
 
     def predict(self, shift: tuple[float, float], frame: int) -> tuple[float, float]:
         dt = frame - self.frame
         return (
             self.det.cx + (shift[0] + self.drift[0]) * dt,
             self.det.cy + (shift[1] + self.drift[1]) * dt,
+        )
+
+    def predicted_whole(self, shift: tuple[float, float], frame: int) -> Detection:
+        whole = self.whole or self.det
+        dt = frame - self.whole_frame if self.whole else frame - self.frame
+        return replace(
+            whole,
+            cx=whole.cx + (shift[0] + self.drift[0]) * dt,
+            cy=whole.cy + (shift[1] + self.drift[1]) * dt,
         )
 
 
@@ -160,6 +174,7 @@ class Tracker:
             if measured is not None:
                 self._shift = measured
         pairs = self._assign(tracks, dets, frame) if tracks and dets else []
+        pairs += self._adopt_pieces(tracks, dets, pairs, frame)
 
         # Update paired tracks
         paired_tracks, paired_dets = set(), set()
@@ -169,12 +184,21 @@ class Tracker:
             paired_tracks.add(ti)
             paired_dets.add(di)
 
-        # Missed tracks coast on their prediction; lost ones end
+        # Missed tracks coast on their prediction; lost ones end. A missed track
+        # whose centre lies in a seen track's screw was a piece of that screw
+        # (two pieces, then the whole): it ends now, before it can cross too.
+        shift = self._shift or (0.0, 0.0)
+        seen = [tracks[ti].predicted_whole(shift, frame) for ti in paired_tracks]
         for ti, track in enumerate(tracks):
             if ti in paired_tracks:
                 continue
+            px, py = track.predict(shift, frame)
+            if any(_inside(replace(track.det, cx=px, cy=py), whole) for whole in seen):
+                del self._tracks[track.track_id]
+                if not track.crossed:
+                    step.ended.append(track.track_id)
+                continue
             track.missed += 1
-            px, _ = track.predict(self._shift or (0.0, 0.0), frame)
             if (
                 not (track.crossed or track.born_past)
                 and track.hits >= self.min_hits_to_cross
@@ -188,11 +212,14 @@ class Tracker:
                 if not track.crossed:
                     step.ended.append(track.track_id)
 
-        # New tracks for the rest
+        # New tracks for the rest, except pieces of a screw already tracked
         for di, det in enumerate(dets):
             if di in paired_dets:
                 continue
-            track = _Track(self._next_id, det, frame)
+            live = [t for t in tracks if t.track_id in self._tracks]
+            if any(_inside(det, t.predicted_whole(shift, frame)) for t in live):
+                continue
+            track = _Track(self._next_id, det, frame, whole=det, whole_frame=frame)
             # Born on or past the line: it never crosses, and is reported when it ends
             track.born_past = self._ahead(det.cx) >= 0
             self._next_id += 1
@@ -222,6 +249,8 @@ class Tracker:
             track.crossed = True
             step.crossed.append(track.track_id)
         track.det, track.frame = det, frame
+        if track.whole is None or det.length >= 0.85 * track.whole.length:
+            track.whole, track.whole_frame = det, frame
         track.hits += 1
         track.missed = 0
         step.views.append((track.track_id, det))
@@ -296,6 +325,42 @@ class Tracker:
             self._shift[1] + gain * (meas_y - self._shift[1]),
         )
 
+    def _adopt_pieces(
+        self,
+        tracks: list[_Track],
+        dets: list[Detection],
+        pairs: list[tuple[int, int]],
+        frame: int,
+    ) -> list[tuple[int, int]]:
+        """Pair what ``_assign`` refused on size: one screw seen whole, then in pieces.
+
+        The locator sometimes returns only part of a screw for a frame (a dark
+        band cut it, a blurred tip), or a track was born from such a part. The
+        size check in ``_assign`` rightly keeps a track from jumping to another
+        screw, but a detection whose centre lies inside a track's predicted box
+        (or that contains the track's predicted centre) is the same screw:
+        screws do not touch, so no other screw can be there. Without this, the
+        piece starts a second track and the screw gets two decisions. The box
+        is the track's longest recent view carried forward, not its last one,
+        which may itself be a piece.
+        """
+        used_t = {ti for ti, _ in pairs}
+        used_d = {di for _, di in pairs}
+        shift = self._shift or (0.0, 0.0)
+        adopted = []
+        for di, det in enumerate(dets):
+            if di in used_d:
+                continue
+            for ti, track in enumerate(tracks):
+                if ti in used_t:
+                    continue
+                whole = track.predicted_whole(shift, frame)
+                if _inside(det, whole) or _inside(whole, det):
+                    adopted.append((ti, di))
+                    used_t.add(ti)
+                    break
+        return adopted
+
     def _assign(
         self, tracks: list[_Track], dets: list[Detection], frame: int
     ) -> list[tuple[int, int]]:
@@ -335,3 +400,12 @@ class Tracker:
                 used_d.add(di)
                 pairs.append((ti, di))
         return pairs
+
+
+def _inside(piece: Detection, whole: Detection, slack_px: float = 3.0) -> bool:
+    """Whether ``piece``'s centre lies within ``whole``'s oriented box (plus a little)."""
+    theta = math.radians(whole.angle_deg)
+    dx, dy = piece.cx - whole.cx, piece.cy - whole.cy
+    along = dx * math.cos(theta) + dy * math.sin(theta)
+    across = -dx * math.sin(theta) + dy * math.cos(theta)
+    return abs(along) <= whole.length / 2 + slack_px and abs(across) <= whole.width / 2 + slack_px
