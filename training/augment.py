@@ -2,10 +2,13 @@
 
 The label is the band's colour name, so everything here changes geometry,
 sharpness, noise and overall light, and never hue beyond what a white-balance
-drift does: a hue rotation could turn orange into yellow or navy into purple
-and teach the model a wrong answer. The white-balance gains are kept mild
-(±10 % per channel: enough to teach that a colour cast moves belt,
-metal and band together, far from turning one name into another) for the same reason.
+error does: a hue rotation could turn orange into yellow or navy into purple
+and teach the model a wrong answer. The light and camera changes (exposure,
+white balance, tone curve, saturation) span the same ranges as the
+simulator's randomised scenes, applied to the whole crop: a colour cast moves
+belt, metal and band together, so the model learns to read the band against
+the bare metal beside it rather than in absolute terms. With a few dozen crops
+from a few dozen scenes, this is what teaches it light it has not seen.
 
 Crops come from the locator with the screw's axis horizontal, so flips and a
 180° turn (both flips) give views the daemon really sees; the small affine
@@ -68,12 +71,23 @@ def augment(
         sigma = 0.4 + torch.rand(1, generator=generator).item() * (cfg.max_blur_sigma - 0.4)
         x[blur] = _gaussian_blur(x[blur], sigma)
 
-    # Light: brightness, contrast about the crop's mean, mild white balance
+    # Light: brightness, contrast about the crop's mean
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast = uniform(*cfg.contrast).view(n, 1, 1, 1)
     brightness = uniform(*cfg.brightness).view(n, 1, 1, 1)
-    gains = uniform(1 - cfg.white_balance, 1 + cfg.white_balance, 3).view(n, 3, 1, 1)
-    x = ((x - mean) * contrast + mean) * brightness * gains
+    x = ((x - mean) * contrast + mean) * brightness
+
+    # Camera: white balance on the whole crop (belt, metal and band move together,
+    # as under a real colour cast), then saturation about each pixel's grey,
+    # then the tone curve
+    t = uniform(-cfg.temperature, cfg.temperature)
+    g = uniform(-cfg.tint, cfg.tint)
+    gains = torch.exp(torch.stack([g - t, -g, g + t], 1)).view(n, 3, 1, 1)  # B, G, R
+    x = (x * gains).clamp(0, 255)
+    grey = x.mean(dim=1, keepdim=True)
+    x = grey + (x - grey) * uniform(*cfg.saturation).view(n, 1, 1, 1)
+    gamma = uniform(*cfg.gamma).view(n, 1, 1, 1)
+    x = 255.0 * (x.clamp(0, 255) / 255.0) ** gamma
 
     # Sensor noise
     noisy = coin(cfg.noise_p).view(n, 1, 1, 1)

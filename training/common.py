@@ -75,3 +75,29 @@ def configure_threads(threads: int | None) -> int:
     threads = max(1, threads)
     torch.set_num_threads(threads)
     return threads
+
+
+def add_compute_arguments(parser) -> None:
+    """``--device``, ``--threads`` and ``--log-level``: the same on every torch command."""
+    from service.cli_support import bounded_int
+
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="auto (CUDA when present), cpu or cuda (default auto)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=bounded_int(1, 256),
+        help="CPU threads for torch (default: the cores this process may use)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def start_command(args) -> None:
+    """First lines of a torch command's ``run``: OpenMP's wait policy, then logging."""
+    from service.cli_support import setup_logging
+
+    prepare_torch_env()
+    setup_logging(args.log_level)

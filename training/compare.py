@@ -27,7 +27,7 @@ from pathlib import Path
 
 from service.cli_support import bounded_int, existing_dir, output_dir
 from service.errors import UsageError
-from training.common import ARCH_NAMES, DEVICES
+from training.common import ARCH_NAMES, add_compute_arguments, start_command
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +96,11 @@ def add_arguments(parser) -> None:
         help="backbone for both networks (default mobilenet_v2)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default="auto",
-        help="auto (CUDA when present), cpu or cuda (default auto)",
-    )
-    parser.add_argument(
-        "--threads",
-        type=bounded_int(1, 256),
-        help="CPU threads for torch (default: the cores this process may use)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_compute_arguments(parser)
 
 
 def run(args) -> int:
-    from service.cli_support import setup_logging
-    from training.common import prepare_torch_env
-
-    prepare_torch_env()
-    setup_logging(args.log_level)
+    start_command(args)
     rows = compare(
         data_dir=args.data,
         out_dir=args.out,

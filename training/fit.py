@@ -19,7 +19,7 @@ from pathlib import Path
 
 from service.cli_support import bounded_float, bounded_int, existing_dir, output_dir
 from service.errors import DatasetError, UsageError
-from training.common import ARCH_NAMES, DEVICES
+from training.common import ARCH_NAMES, add_compute_arguments, start_command
 from training.recipe import FitConfig
 
 log = logging.getLogger(__name__)
@@ -107,26 +107,11 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--seed", type=int, default=d.seed, help=f"seed of every random draw (default {d.seed})"
     )
-    parser.add_argument(
-        "--device",
-        choices=DEVICES,
-        default=d.device,
-        help=f"auto (CUDA when present), cpu or cuda (default {d.device})",
-    )
-    parser.add_argument(
-        "--threads",
-        type=bounded_int(1, 256),
-        help="CPU threads for torch (default: the cores this process may use)",
-    )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_compute_arguments(parser)
 
 
 def run(args) -> int:
-    from service.cli_support import setup_logging
-    from training.common import prepare_torch_env
-
-    prepare_torch_env()
-    setup_logging(args.log_level)
+    start_command(args)
     cfg = FitConfig(
         arch=args.arch,
         input_norm=args.input_norm,

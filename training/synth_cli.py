@@ -45,6 +45,10 @@ FFMPEG_FINISH_TIMEOUT_S = 120.0
 FRAMES_PER_SCENE = 4
 # A screw is cut at most this often per scene (at different places and turns).
 MAX_CUTS_PER_SCREW = 2
+# A scene gives at most this many crops: a set of 600 crops then spans about a
+# hundred lights, belts and cameras rather than thirty, which is what a model
+# needs to learn to read a band under light it has not seen.
+MAX_CROPS_PER_SCENE = 6
 # A detection matches a truth object when their centres are this close
 # (the larger of a floor in px and a share of the screw's length).
 MATCH_FLOOR_PX = 6.0
@@ -94,8 +98,8 @@ def add_arguments(parser) -> None:
     arg("--per-class", type=bounded_int(1, 100000), required=True, metavar="N",
         help="crops per class")
     arg("--seed", type=int, default=0, help="seed of the scenes (0)")
-    arg("--size", type=bounded_int(16, 512), default=96, metavar="PX",
-        help="crop side, 16..512 (96)")
+    arg("--size", type=bounded_int(16, 512), default=128, metavar="PX",
+        help="crop side, 16..512 (128; the same as fit --img-size)")
     arg("--frame-size", type=frame_size, default=(1280, 720), metavar="WxH",
         help="size of the simulated frames (1280x720)")
     # fmt: on
@@ -290,7 +294,7 @@ def _run_crops(args) -> int:
                     f"({writer.matched} matched before); check service.locate on a frame "
                     f"of `synth video`"
                 )
-            if not writer.short():
+            if not writer.short() or writer.scene_crops(scenes) >= MAX_CROPS_PER_SCENE:
                 break
 
     recall = writer.matched / max(writer.visible, 1)
@@ -320,6 +324,9 @@ class _CropWriter:
         """Crops still needed per class, in palette order."""
         return [max(self.per_class - self.counts[n], 0) for n in self.names]
 
+    def scene_crops(self, scene: int) -> int:
+        return sum(n for (s, _), n in self.cuts.items() if s == scene)
+
     def cut(self, frame: SimFrame, scene: int) -> int:
         """Detect, match one-to-one by centre distance, save; returns how many matched."""
         truths = [t for t in frame.objects if t.fully_visible]
@@ -345,6 +352,7 @@ class _CropWriter:
             if (
                 self.counts[truth.label] < self.per_class
                 and self.cuts.get(key, 0) < MAX_CUTS_PER_SCREW
+                and self.scene_crops(scene) < MAX_CROPS_PER_SCENE
             ):
                 self.cuts[key] = self.cuts.get(key, 0) + 1
                 self._save(truth.label, self.cut_crop(frame.image, detections[i], self.size))
