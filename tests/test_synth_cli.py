@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -144,3 +146,9 @@ def test_crops_dataset_is_balanced_and_cut_by_the_locator(tmp_path):
         assert [f.name for f in files] == [f"{folder.name}_0000{i}.png" for i in (1, 2)]
         crop = cv2.imread(str(files[0]))
         assert crop.shape == (64, 64, 3)
+
+    # Light, belt and camera vary across the set: no scene gives more than its share
+    from training.synth_cli import MAX_CROPS_PER_SCENE
+
+    scenes = int(re.search(r"of (\d+) scenes", result.stdout).group(1))
+    assert scenes >= math.ceil(40 / MAX_CROPS_PER_SCENE)
