@@ -466,3 +466,32 @@ def test_greyworld_input_norm_undoes_a_colour_cast():
     assert torch.allclose(ratio, ratio.mean(dim=(1, 2, 3), keepdim=True), rtol=1e-4)
     plain_ratio = pixels(c) / pixels(d)
     assert (plain_ratio.amax() - plain_ratio.amin()) > 0.5
+
+
+def test_metal_input_norm_reads_the_band_against_the_bare_zinc():
+    from training.model import METAL_LEVEL, BeltNet
+
+    size = 64
+    metal = BeltNet(torch.nn.Identity(), size, "metal")
+
+    def crop(band_bgr, gains):
+        # A screw as the locator cuts it: axis along the middle rows, dark belt
+        # around, a threaded zinc shank (bright crests, darker valleys), one band.
+        image = np.full((size, size, 3), 40.0, np.float32)
+        rows = slice(size // 2 - 4, size // 2 + 4)
+        image[rows, 8:56] = 150.0
+        image[rows, 8:56:3] = 110.0
+        image[rows, 30:40] = band_bgr
+        return torch.from_numpy(np.clip(image * np.float32(gains), 0, 255).round())
+
+    def seen(x):  # the band's mean colour as the backbone sees it, RGB 0..255
+        out = (metal(x[None]) - metal.shift) / metal.scale
+        return out[0, :, size // 2, 31:39].mean(dim=1)
+
+    # A gray band under dim warm light and under bright cold light reads the same...
+    dim_warm = seen(crop((100.0, 100.0, 100.0), [0.65, 0.8, 0.95]))
+    bright_cold = seen(crop((100.0, 100.0, 100.0), [1.45, 1.2, 1.0]))
+    assert torch.allclose(dim_warm, bright_cold, atol=6.0)
+    # ...and stays well apart from a white band under either light, brighter than the metal
+    white = seen(crop((200.0, 200.0, 200.0), [0.65, 0.8, 0.95]))
+    assert (white - dim_warm).min() > 40 and white.min() > METAL_LEVEL

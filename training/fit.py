@@ -20,7 +20,7 @@ from pathlib import Path
 from service.cli_support import bounded_float, bounded_int, existing_dir, output_dir
 from service.errors import DatasetError, UsageError
 from training.common import ARCH_NAMES, add_compute_arguments, start_command
-from training.recipe import FitConfig
+from training.recipe import INPUT_NORMS, FitConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--input-norm",
-        choices=("none", "greyworld"),
+        choices=INPUT_NORMS,
         default=d.input_norm,
-        help="per-crop normalisation inside the model before ImageNet's: greyworld undoes "
-        f"a colour cast of the light (default {d.input_norm})",
+        help="per-crop normalisation inside the model before ImageNet's: greyworld "
+        "(channel means) or metal (the bare zinc along the screw's axis) undoes a colour "
+        f"cast of the light (default {d.input_norm})",
     )
     parser.add_argument(
         "--img-size",

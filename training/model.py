@@ -34,6 +34,9 @@ import torch
 import torchvision
 from torch import nn
 
+from service.locate import CROP_MARGIN
+from training.recipe import INPUT_NORMS
+
 CHECKPOINT_FORMAT = "beltsort.checkpoint/1"
 
 # ImageNet mean and std in RGB order, as torchvision's classification transforms use.
@@ -60,7 +63,22 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], object]] = {
 # "greyworld": scale each channel so the crop's three channel means are equal
 # (their average kept) before ImageNet normalisation: a colour cast of the light
 # moves belt, metal and band alike, and this undoes it inside the model file.
-INPUT_NORMS = ("none", "greyworld")
+#
+# "metal": white balance and exposure read off the bare zinc. The locator's
+# crop puts the screw's axis along the middle rows, between the margins
+# (service.locate.CROP_MARGIN). Along it lie the head, the thread's bright
+# crests and dark valleys, and the band (at most about a third of the length).
+# The upper quartile of each channel there is the lit metal: a band channel
+# that is dark falls below it, one that is bright is about as bright as the
+# metal anyway, and the few clipped highlights sit above it. (The median was
+# tried first: the valleys and a dark band channel together pull it down and
+# tint the result.) Scaling it to METAL_LEVEL takes the camera's colour cast and
+# exposure out, and leaves the band's colour relative to the metal beside it:
+# what tells white from gray and beige, or red from maroon, under any light.
+METAL_LEVEL = 160.0  # leaves room above the metal: a white band is brighter
+METAL_ROWS = 5  # rows about the middle of the crop
+METAL_QUANTILE = 0.75
+METAL_FLOOR = 8.0  # a near-black reference (an empty crop) is not amplified
 
 
 class BeltNet(nn.Module):
@@ -86,8 +104,21 @@ class BeltNet(nn.Module):
         if self.input_norm == "greyworld":
             means = x.mean(dim=(2, 3), keepdim=True).clamp_min(1.0)  # 1.0: an all-black crop
             x = x * (means.mean(dim=1, keepdim=True) / means)
+        elif self.input_norm == "metal":
+            x = (x * (METAL_LEVEL / self._metal_colour(x))).clamp(0.0, 255.0)
         x = x * self.scale + self.shift
         return self.backbone(x)
+
+    def _metal_colour(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-crop, per-channel upper quartile along the screw's axis: ``(N, 3, 1, 1)``."""
+        size = x.shape[-1]
+        first = int(size * CROP_MARGIN / (1 + 2 * CROP_MARGIN)) + 1  # inside the screw's ends
+        top = (size - METAL_ROWS) // 2
+        axis = x[:, :, top : top + METAL_ROWS, first : size - first].flatten(2)
+        # by topk: ONNX has TopK, and no quantile or median operator to export to
+        k = max(1, round(axis.shape[2] * (1.0 - METAL_QUANTILE)))
+        level = axis.topk(k, dim=2).values[:, :, -1]
+        return level.clamp_min(METAL_FLOOR).view(-1, 3, 1, 1)
 
     @property
     def head(self) -> nn.Linear:

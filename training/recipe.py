@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# Per-crop normalisations inside the model, before ImageNet's (training.model says how).
+INPUT_NORMS = ("none", "greyworld", "metal")
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
