@@ -45,9 +45,10 @@ FFMPEG_FINISH_TIMEOUT_S = 120.0
 FRAMES_PER_SCENE = 4
 # A screw is cut at most this often per scene (at different places and turns).
 MAX_CUTS_PER_SCREW = 2
-# A scene gives at most this many crops: a set of 600 crops then spans about a
-# hundred lights, belts and cameras rather than thirty, which is what a model
-# needs to learn to read a band under light it has not seen.
+# A scene gives at most this many crops (the default of --per-scene): a set of
+# 600 crops then spans about a hundred lights, belts and cameras rather than
+# thirty, which is what a model needs to learn to read a band under light it
+# has not seen. Fewer per scene means more scenes for the same crops.
 MAX_CROPS_PER_SCENE = 6
 # A detection matches a truth object when their centres are this close
 # (the larger of a floor in px and a share of the screw's length).
@@ -98,6 +99,8 @@ def add_arguments(parser) -> None:
     arg("--per-class", type=bounded_int(1, 100000), required=True, metavar="N",
         help="crops per class")
     arg("--seed", type=int, default=0, help="seed of the scenes (0)")
+    arg("--per-scene", type=bounded_int(1, 1000), default=MAX_CROPS_PER_SCENE, metavar="N",
+        help=f"at most N crops from one scene: fewer, more scenes ({MAX_CROPS_PER_SCENE})")
     arg("--size", type=bounded_int(16, 512), default=128, metavar="PX",
         help="crop side, 16..512 (128; the same as fit --img-size)")
     arg("--frame-size", type=frame_size, default=(1280, 720), metavar="WxH",
@@ -264,7 +267,9 @@ def _run_crops(args) -> int:
         locator = Locator()
     except NotImplementedError:
         raise UsageError("service.locate.Locator is not implemented yet; crops need it") from None
-    writer = _CropWriter(out, names, args.per_class, args.size, locator, cut_crop)
+    writer = _CropWriter(
+        out, names, args.per_class, args.size, locator, cut_crop, per_scene=args.per_scene
+    )
 
     started = time.perf_counter()
     rng = np.random.default_rng(args.seed)
@@ -294,7 +299,7 @@ def _run_crops(args) -> int:
                     f"({writer.matched} matched before); check service.locate on a frame "
                     f"of `synth video`"
                 )
-            if not writer.short() or writer.scene_crops(scenes) >= MAX_CROPS_PER_SCENE:
+            if not writer.short() or writer.scene_crops(scenes) >= writer.per_scene:
                 break
 
     recall = writer.matched / max(writer.visible, 1)
@@ -310,11 +315,14 @@ def _run_crops(args) -> int:
 class _CropWriter:
     """Matches the locator's detections to the truth and saves the crops still needed."""
 
-    def __init__(self, out: Path, names, per_class: int, size: int, locator, cut_crop) -> None:
+    def __init__(
+        self, out: Path, names, per_class: int, size: int, locator, cut_crop, *, per_scene: int
+    ) -> None:
         self.out, self.names, self.per_class, self.size = out, names, per_class, size
         self.locator, self.cut_crop = locator, cut_crop
         self.counts = dict.fromkeys(names, 0)
         self.cuts: dict[tuple[int, int], int] = {}  # (scene, screw id) -> crops taken
+        self.per_scene = per_scene  # crops at most from one scene
         self.visible = self.matched = self.unmatched = self.written = 0
 
     def short(self) -> bool:
@@ -352,7 +360,7 @@ class _CropWriter:
             if (
                 self.counts[truth.label] < self.per_class
                 and self.cuts.get(key, 0) < MAX_CUTS_PER_SCREW
-                and self.scene_crops(scene) < MAX_CROPS_PER_SCENE
+                and self.scene_crops(scene) < self.per_scene
             ):
                 self.cuts[key] = self.cuts.get(key, 0) + 1
                 self._save(truth.label, self.cut_crop(frame.image, detections[i], self.size))
