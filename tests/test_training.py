@@ -283,6 +283,32 @@ def test_training_is_deterministic_for_a_seed(standin):
     assert torch.equal(runs[0][1], runs[1][1])
 
 
+def test_frozen_blocks_keep_their_imagenet_weights_and_statistics(standin):
+    from training.loop import train
+    from training.model import build_model
+    from training.recipe import FitConfig
+
+    data = load_folder(standin, SMALL)
+    cfg = FitConfig(
+        img_size=SMALL, epochs=2, head_epochs=1, batch_size=16, weights="none", freeze_blocks=3
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.arch, 4, SMALL, "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    after = train(model, cfg, data, None, torch.device("cpu")).model.state_dict()
+
+    def changed(prefix: str) -> bool:
+        return any(
+            not torch.equal(before[k], after[k])
+            for k in before
+            if k.startswith(prefix) and before[k].is_floating_point()
+        )
+
+    for block in range(3):  # weights and BatchNorm running statistics untouched
+        assert not changed(f"backbone.features.{block}.")
+    assert changed("backbone.features.3.") and changed("backbone.features.18.")
+
+
 def test_colour_baseline_learns_colours(tmp_path):
     from training.baseline import ColourKnn
 

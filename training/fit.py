@@ -81,6 +81,13 @@ def add_arguments(parser) -> None:
         help=f"epochs with the backbone frozen first (default {d.head_epochs})",
     )
     parser.add_argument(
+        "--freeze-blocks",
+        type=bounded_int(0, 30),
+        default=d.freeze_blocks,
+        help="leading backbone blocks that stay frozen after the head phase too "
+        f"(default {d.freeze_blocks})",
+    )
+    parser.add_argument(
         "--batch-size",
         type=bounded_int(1, 1024),
         default=d.batch_size,
@@ -120,6 +127,7 @@ def run(args) -> int:
         weights=args.weights,
         epochs=args.epochs,
         head_epochs=args.head_epochs,
+        freeze_blocks=args.freeze_blocks,
         batch_size=args.batch_size,
         lr_head=args.lr_head,
         lr=args.lr,

@@ -103,7 +103,7 @@ def train(
 
             # One pass over the shuffled, augmented training crops
             started = time.perf_counter()
-            _set_train_mode(model, phase)
+            _set_train_mode(model, cfg, phase)
             order = torch.randperm(len(train_set), generator=generator).to(device)
             loss_sum, correct = 0.0, 0
             batches = tqdm(
@@ -177,7 +177,8 @@ def _phase_optimizer(model: BeltNet, cfg: FitConfig, phase: str, total_steps: in
         params, peak = list(head.parameters()), cfg.lr_head
     else:
         model.backbone.requires_grad_(True)
-        params, peak = list(model.parameters()), cfg.lr
+        model.backbone.features[: cfg.freeze_blocks].requires_grad_(False)
+        params, peak = [p for p in model.parameters() if p.requires_grad], cfg.lr
     optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -190,11 +191,13 @@ def _phase_optimizer(model: BeltNet, cfg: FitConfig, phase: str, total_steps: in
     return optimizer, scheduler
 
 
-def _set_train_mode(model: BeltNet, phase: str) -> None:
+def _set_train_mode(model: BeltNet, cfg: FitConfig, phase: str) -> None:
     model.train()
+    # Frozen means frozen: BatchNorm keeps ImageNet's running statistics.
     if phase == "head":
-        # Frozen means frozen: BatchNorm keeps ImageNet's running statistics.
         model.backbone.features.eval()
+    else:
+        model.backbone.features[: cfg.freeze_blocks].eval()
 
 
 def _cpu_state(model: BeltNet) -> dict:

@@ -46,6 +46,11 @@ class FitConfig:
     input_norm: str = "none"  # see training.model.INPUT_NORMS
     epochs: int = 30  # head + full phase; 30 at 128 px fit the 10-minute CPU budget (2 cores)
     head_epochs: int = 2
+    # Leading blocks of the backbone's `features` kept frozen (weights and BatchNorm
+    # statistics) in the full phase too: ImageNet's edge and colour filters stay as
+    # they are, a few dozen crops per class cannot improve them, and a backward pass
+    # that stops early leaves time for more epochs in the same budget.
+    freeze_blocks: int = 0
     batch_size: int = 32
     lr_head: float = 1e-2
     lr: float = 2e-3  # peak of the full phase's one-cycle schedule
