@@ -47,21 +47,6 @@ def make_publisher(metrics):
         assert publisher._thread is None or not publisher._thread.is_alive()
 
 
-@pytest.fixture
-def make_subscriber():
-    made: list[DecisionSubscriber] = []
-
-    def make(endpoint: str, **kwargs) -> DecisionSubscriber:
-        subscriber = DecisionSubscriber(**kwargs)
-        made.append(subscriber)
-        subscriber.connect(endpoint)
-        return subscriber
-
-    yield make
-    for subscriber in made:
-        subscriber.close()
-
-
 def decision(track_id: int, **extra) -> dict:
     """A decision as the Decider hands it over (everything but seq, run_id, t_publish_ns)."""
     return {

@@ -55,21 +55,6 @@ def raw():
     publisher.close()
 
 
-@pytest.fixture
-def subscriber():
-    made: list[DecisionSubscriber] = []
-
-    def make(endpoint: str, **kwargs) -> DecisionSubscriber:
-        sub = DecisionSubscriber(**kwargs)
-        made.append(sub)
-        sub.connect(endpoint)
-        return sub
-
-    yield make
-    for sub in made:
-        sub.close()
-
-
 def join(raw: RawPublisher, sub: DecisionSubscriber) -> SubscriberEvent:
     """Send heartbeats until the subscription is through (slow joiner); the joined event."""
     deadline = time.monotonic() + 5
@@ -98,8 +83,8 @@ def events(sub: DecisionSubscriber, n: int, timeout_s: float = 5.0) -> list[Subs
 # ------------------------------------------------------------------- the class
 
 
-def test_gap_out_of_order_and_restart(raw, subscriber):
-    sub = subscriber(raw.endpoint, heartbeat_timeout_s=30)
+def test_gap_out_of_order_and_restart(raw, make_subscriber):
+    sub = make_subscriber(raw.endpoint, heartbeat_timeout_s=30)
     join(raw, sub)
     start = raw.seq
 
@@ -145,8 +130,8 @@ def test_gap_out_of_order_and_restart(raw, subscriber):
         ([b"decision"], "2 frames"),
     ],
 )
-def test_contract_breaking_messages_are_reported(raw, subscriber, frames, problem):
-    sub = subscriber(raw.endpoint, heartbeat_timeout_s=30)
+def test_contract_breaking_messages_are_reported(raw, make_subscriber, frames, problem):
+    sub = make_subscriber(raw.endpoint, heartbeat_timeout_s=30)
     join(raw, sub)
     before = raw.seq
     raw.socket.send_multipart(frames)
@@ -155,8 +140,8 @@ def test_contract_breaking_messages_are_reported(raw, subscriber, frames, proble
     assert sub.last_seq == before  # a bad message does not move the count
 
 
-def test_topics_filter_what_is_returned_not_what_is_tracked(raw, subscriber):
-    sub = subscriber(raw.endpoint, topics=("decision",), heartbeat_timeout_s=30)
+def test_topics_filter_what_is_returned_not_what_is_tracked(raw, make_subscriber):
+    sub = make_subscriber(raw.endpoint, topics=("decision",), heartbeat_timeout_s=30)
     deadline = time.monotonic() + 5
     while sub.run_id is None:  # join on heartbeats, which are never returned as messages
         assert time.monotonic() < deadline
@@ -172,8 +157,8 @@ def test_topics_filter_what_is_returned_not_what_is_tracked(raw, subscriber):
     assert sub.gaps == 0  # the heartbeats between them were seen: no false gap
 
 
-def test_stopping_heartbeat_is_reported(raw, subscriber):
-    sub = subscriber(raw.endpoint, heartbeat_timeout_s=30)
+def test_stopping_heartbeat_is_reported(raw, make_subscriber):
+    sub = make_subscriber(raw.endpoint, heartbeat_timeout_s=30)
     join(raw, sub)
     raw.send("heartbeat", status="stopping")
     stopping, message = events(sub, 2)
@@ -181,8 +166,8 @@ def test_stopping_heartbeat_is_reported(raw, subscriber):
     assert message.message["status"] == "stopping"
 
 
-def test_receive_waits_no_longer_than_asked(raw, subscriber):
-    sub = subscriber(raw.endpoint, heartbeat_timeout_s=30)
+def test_receive_waits_no_longer_than_asked(raw, make_subscriber):
+    sub = make_subscriber(raw.endpoint, heartbeat_timeout_s=30)
     t0 = time.monotonic()
     assert sub.receive(0) is None
     assert sub.receive(0.2) is None
