@@ -87,7 +87,10 @@ class Metrics:
             "source_up", "1 while the source delivers frames, else 0.", ["source"], **reg
         )
         self.source_reconnects = Counter(
-            "source_reconnects", "Times a source was reopened after a failure.", ["source"], **reg
+            "source_reconnects",
+            "Attempts to reopen a source after it failed, whether or not they succeeded.",
+            ["source"],
+            **reg,
         )
 
         # Objects and decisions
