@@ -169,16 +169,18 @@ def _phase_epochs(cfg: FitConfig, phase: str, head_epochs: int) -> int:
     return head_epochs if phase == "head" else max(1, cfg.epochs - head_epochs)
 
 
-def _phase_optimizer(model: BeltNet, cfg: FitConfig, phase: str, total_steps: int):
-    head = model.backbone.classifier
+def _frozen(model: BeltNet, cfg: FitConfig, phase: str) -> torch.nn.Module:
+    """The backbone blocks that stay as ImageNet left them in this phase."""
     if phase == "head":
-        model.backbone.requires_grad_(False)
-        head.requires_grad_(True)
-        params, peak = list(head.parameters()), cfg.lr_head
-    else:
-        model.backbone.requires_grad_(True)
-        model.backbone.features[: cfg.freeze_blocks].requires_grad_(False)
-        params, peak = [p for p in model.parameters() if p.requires_grad], cfg.lr
+        return model.backbone.features
+    return model.backbone.features[: cfg.freeze_blocks]
+
+
+def _phase_optimizer(model: BeltNet, cfg: FitConfig, phase: str, total_steps: int):
+    model.requires_grad_(True)
+    _frozen(model, cfg, phase).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    peak = cfg.lr_head if phase == "head" else cfg.lr
     optimizer = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
@@ -194,10 +196,7 @@ def _phase_optimizer(model: BeltNet, cfg: FitConfig, phase: str, total_steps: in
 def _set_train_mode(model: BeltNet, cfg: FitConfig, phase: str) -> None:
     model.train()
     # Frozen means frozen: BatchNorm keeps ImageNet's running statistics.
-    if phase == "head":
-        model.backbone.features.eval()
-    else:
-        model.backbone.features[: cfg.freeze_blocks].eval()
+    _frozen(model, cfg, phase).eval()
 
 
 def _cpu_state(model: BeltNet) -> dict:

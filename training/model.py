@@ -15,8 +15,8 @@ Checkpoint format (``best.pt``, loadable with ``torch.load(weights_only=True)``)
         "labels": ["red", ...],            # class names, index = class id
         "state_dict": {...},               # BeltNet.state_dict()
         "temperature": 1.3,                # calibrated on validation, 1.0 if not fitted
-        "input_norm": "none",              # optional; "greyworld": per-crop white balance
-                                           # in forward (absent = "none")
+        "input_norm": "none",              # optional; "greyworld" or "metal": per-crop
+                                           # white balance in forward (absent = "none")
         "weights_origin": "imagenet",      # "imagenet", "none" or the file path used
         "dataset_fingerprint": "sha256:…", # of the training file list and bytes
         "config": {...},                   # resolved training config (JSON types only)

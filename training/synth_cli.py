@@ -301,7 +301,7 @@ def _run_crops(args) -> int:
                     f"({writer.matched} matched before); check service.locate on a frame "
                     f"of `synth video`"
                 )
-            if not writer.short() or writer.scene_crops(scenes) >= writer.per_scene:
+            if not writer.short() or writer.scene_full(scenes):
                 break
 
     recall = writer.matched / max(writer.visible, 1)
@@ -334,8 +334,9 @@ class _CropWriter:
         """Crops still needed per class, in palette order."""
         return [max(self.per_class - self.counts[n], 0) for n in self.names]
 
-    def scene_crops(self, scene: int) -> int:
-        return sum(n for (s, _), n in self.cuts.items() if s == scene)
+    def scene_full(self, scene: int) -> bool:
+        """True once ``scene`` gave its ``per_scene`` crops."""
+        return sum(n for (s, _), n in self.cuts.items() if s == scene) >= self.per_scene
 
     def cut(self, frame: SimFrame, scene: int) -> int:
         """Detect, match one-to-one by centre distance, save; returns how many matched."""
@@ -362,7 +363,7 @@ class _CropWriter:
             if (
                 self.counts[truth.label] < self.per_class
                 and self.cuts.get(key, 0) < MAX_CUTS_PER_SCREW
-                and self.scene_crops(scene) < self.per_scene
+                and not self.scene_full(scene)
             ):
                 self.cuts[key] = self.cuts.get(key, 0) + 1
                 self._save(truth.label, self.cut_crop(frame.image, detections[i], self.size))
