@@ -191,6 +191,20 @@ def test_temperature_scaling_fixes_overconfidence():
     assert after < 0.03 < before
 
 
+def test_a_validation_set_read_without_errors_does_not_sharpen(caplog):
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 5, 300)
+    logits = rng.normal(0, 0.5, (300, 5))
+    logits[np.arange(300), targets] += 4.0  # every crop right, with room to sharpen
+    assert (logits.argmax(axis=1) == targets).all()
+    with caplog.at_level("WARNING", logger="training.calibrate"):
+        assert fit_temperature(logits, targets) == 1.0
+    assert "only 0 of 300 validation crops are misread" in caplog.text
+    # A few near misses (the true class a close second) are errors enough to fit T
+    logits[np.arange(20), (targets[:20] + 1) % 5] += 4.5
+    assert fit_temperature(logits, targets) < 1.0
+
+
 def test_metrics_by_hand():
     probs = np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0], [0.6, 0.4, 0.0], [0.1, 0.9, 0.0]])
     metrics = classification_metrics(probs, np.array([0, 1, 1, 1]), ["a", "b", "c"])
