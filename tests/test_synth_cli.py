@@ -18,13 +18,14 @@ from service.simulator import BeltSimulator
 SUBPROCESS_TIMEOUT_S = 120
 
 
-def _synth(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def _synth(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "training", "synth", *args],
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT_S,
         cwd=cwd,
+        env=env,
     )
 
 
@@ -214,6 +215,25 @@ def test_codec_changes_the_pixels_not_the_scenes(tmp_path):
     ]
     assert len(diffs) >= 10
     assert min(diffs) > 0 and sorted(diffs)[1] < 6, diffs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _locator_ready(), reason="service.locate.Locator is not implemented yet")
+def test_default_crops_fall_back_to_jpeg_without_ffmpeg(tmp_path):
+    # A PATH with python on it and no ffmpeg: the default still makes a dataset
+    no_ffmpeg = tmp_path / "bin"
+    no_ffmpeg.mkdir()
+    (no_ffmpeg / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(no_ffmpeg)}
+    small = ("--per-class", "1", "--size", "32", "--frame-size", "640x360")
+    result = _synth("crops", "--out", str(tmp_path / "d"), *small, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "ffmpeg is not on PATH" in result.stderr
+    assert re.search(r"\(0 through H\.264, (\d+) through JPEG\)", result.stdout)
+    # asked for outright, H.264 without ffmpeg is an error that says what to install
+    result = _synth("crops", "--out", str(tmp_path / "e"), *small, "--codec", "h264", env=env)
+    assert result.returncode == 2
+    assert "ffmpeg was not found on PATH" in result.stderr
 
 
 def test_h264_crops_need_an_even_frame_size(tmp_path):
