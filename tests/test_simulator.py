@@ -42,6 +42,19 @@ def test_same_seed_gives_the_same_frames_and_another_seed_does_not():
     assert not np.array_equal(a[0].image, c[0].image)
 
 
+def test_a_line_is_one_scene_with_new_screws_on_it():
+    line = dict(options=SceneOptions.randomised(4321), camera_seed=4321)
+    scene = BeltSimulator(640, 360, seed=4321).next_frame().image
+    # the line's own seed is its footage, frame for frame
+    same = BeltSimulator(640, 360, seed=4321, **line).next_frame().image
+    assert np.array_equal(scene, same)
+    # another seed on the line: other screws and noise, the same belt and camera
+    other = BeltSimulator(640, 360, seed=9, **line)
+    assert not np.array_equal(scene, other.next_frame().image)
+    assert np.array_equal(other._colour_matrix, BeltSimulator(640, 360, seed=4321)._colour_matrix)
+    assert not np.array_equal(other._colour_matrix, BeltSimulator(640, 360, seed=9)._colour_matrix)
+
+
 def test_frames_have_the_promised_shape_and_indices():
     sim = BeltSimulator(320, 240, fps=20, rate=2, seed=1)
     frames = _frames(sim, 3)

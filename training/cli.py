@@ -14,6 +14,7 @@ from service.cli_support import Parser
 # name -> (module, one-line help)
 COMMANDS = {
     "synth": ("training.synth_cli", "render simulated belt video or a labelled crops dataset"),
+    "cut": ("training.cut", "training crops from a recording of screws of one colour"),
     "weights": ("training.weights", "fetch ImageNet weights into torchvision's cache"),
     "fit": ("training.fit", "fine-tune a MobileNet on a folder of labelled crops"),
     "evaluate": ("training.evaluate", "metrics and plots of a model on a labelled folder"),

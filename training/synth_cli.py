@@ -13,6 +13,7 @@ the daemon will cut.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -105,6 +106,12 @@ def add_arguments(parser) -> None:
     arg("--rate", type=bounded_float(0.0, 50.0), default=2.0, metavar="N",
         help="screws per second, 0..50 (2)")
     arg("--seed", type=int, default=0, help="scene seed: same seed, same video (0)")
+    arg("--line", type=int, default=None, metavar="SEED",
+        help="the belt, light, zinc and camera of `--seed SEED`, with the screws, arrivals "
+        "and noise of --seed: new footage of one line (default: the scene of --seed)")
+    arg("--only", type=_colour_list, default=None, metavar="NAME[,NAME...]",
+        help="paint only these colours, e.g. `--only red` for a run of red screws to cut "
+        "training crops from (`python -m training cut`) (default: all twenty)")
     arg("--crf", type=bounded_int(0, 51), default=23, metavar="Q",
         help="x264 quality, 0 (lossless) .. 51 (worst) (23)")
     arg("--preset", choices=X264_PRESETS, default="superfast", metavar="NAME",
@@ -165,7 +172,12 @@ def _run_video(args) -> int:
     truth_path = out.with_name(out.stem + ".truth.jsonl")
 
     started = time.perf_counter()
-    sim = BeltSimulator(width, height, args.fps, args.rate, seed=args.seed)
+    line = SceneOptions.randomised(args.line) if args.line is not None else None
+    sim = BeltSimulator(
+        width, height, args.fps, args.rate, seed=args.seed, options=line, camera_seed=args.line
+    )
+    if args.only:
+        sim.label_weights = [float(c.name in args.only) for c in sim.labels]
     tracks: dict[int, dict] = {}
     with _Encoder(out, width, height, args.fps, args.crf, args.preset) as encoder:
         for _ in range(frames):
@@ -181,6 +193,19 @@ def _run_video(args) -> int:
         f"{time.perf_counter() - started:.1f} s"
     )
     return 0
+
+
+def _colour_list(text: str) -> tuple[str, ...]:
+    """``--only``: comma-separated names from the default palette."""
+    known = [c.name for c in default_palette()]
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {', '.join(unknown) or 'no colour'} is not in the palette; "
+            f"use names from: {', '.join(known)}"
+        )
+    return names
 
 
 def _record(tracks: dict[int, dict], frame: SimFrame) -> None:
@@ -320,9 +345,7 @@ def _run_crops(args) -> int:
         out, names, args.per_class, args.size, locator, cut_crop, per_scene=args.per_scene
     )
 
-    # A line's crops: what a plant collects on its own belt under its own camera.
-    # NOTE: the camera's small colour cross-talk is still drawn per scene, so a
-    # line's crops vary a little more than one real camera's would.
+    # A line's crops: what a plant collects on its own belt under its own camera
     line = SceneOptions.randomised(args.line) if args.line is not None else None
 
     started = time.perf_counter()
@@ -345,6 +368,7 @@ def _run_crops(args) -> int:
             rate=float(rate),
             seed=int(seed),
             options=line,
+            camera_seed=args.line,
         )
         sim.label_weights = writer.shortfall()
         # Frames a third of a crossing apart: each screw is seen a few times

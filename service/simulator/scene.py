@@ -100,6 +100,10 @@ class BeltSimulator:
     draws every knob with ``SceneOptions.randomised(seed)``; ``labels=None``
     paints the default palette. Set ``label_weights`` before the first frame
     to steer which classes arrive (e.g. to balance a dataset).
+
+    One line (one belt, light and camera) with new screws on it:
+    ``options=SceneOptions.randomised(L), camera_seed=L`` with any other
+    ``seed``; the seed then draws the screws, their arrivals and the noise.
     """
 
     def __init__(
@@ -111,6 +115,7 @@ class BeltSimulator:
         seed: int | None = 0,
         options: SceneOptions | None = None,
         labels: Sequence[BandColour] | None = None,
+        camera_seed: int | None = None,
     ) -> None:
         _check_range("width", width, 64, 3840)
         _check_range("height", height, 64, 2160)
@@ -128,6 +133,9 @@ class BeltSimulator:
         rng_belt, rng_light, rng_camera, self._rng_arrivals, rng_colour = (
             np.random.default_rng(s) for s in streams
         )
+        if camera_seed is not None:
+            # One line's camera: the colour response of the scene `camera_seed`
+            rng_colour = np.random.default_rng(np.random.SeedSequence(camera_seed).spawn(5)[4])
 
         # The largest screw whose bounding circle fits across the belt, and
         # that has room along it to be fully in view
