@@ -19,6 +19,11 @@ again replaces its own crops.
 
 ``python -m training synth video --only red --line L --seed S`` renders such a
 recording from the simulator, to try the whole path without a camera.
+
+NOTE: every screw in the recording is taken to be ``--label``; a stray screw
+of another colour, or a hand in the picture, becomes a wrongly labelled crop.
+Look through the folder before training (the crops are small PNGs), and after
+it, through ``misclassified.png`` in the run folder.
 """
 
 from __future__ import annotations
