@@ -25,7 +25,12 @@ from service.palette import default_labels, default_palette
 torch = pytest.importorskip("torch")
 
 from training.augment import augment  # noqa: E402  (after the torch check)
-from training.calibrate import expected_calibration_error, fit_temperature, softmax  # noqa: E402
+from training.calibrate import (  # noqa: E402
+    accuracy_lower_bound,
+    expected_calibration_error,
+    fit_temperature,
+    softmax,
+)
 from training.data import class_order, load_folder, read_crop, stratified_split, take_shots  # noqa: E402
 from training.metrics import classification_metrics  # noqa: E402
 
@@ -191,18 +196,30 @@ def test_temperature_scaling_fixes_overconfidence():
     assert after < 0.03 < before
 
 
-def test_a_validation_set_read_without_errors_does_not_sharpen(caplog):
+def test_a_validation_set_read_without_errors_sharpens_only_as_far_as_it_vouches(caplog):
     rng = np.random.default_rng(1)
     targets = rng.integers(0, 5, 300)
     logits = rng.normal(0, 0.5, (300, 5))
     logits[np.arange(300), targets] += 4.0  # every crop right, with room to sharpen
     assert (logits.argmax(axis=1) == targets).all()
     with caplog.at_level("WARNING", logger="training.calibrate"):
-        assert fit_temperature(logits, targets) == 1.0
-    assert "only 0 of 300 validation crops are misread" in caplog.text
+        temperature = fit_temperature(logits, targets)
+    assert "0 misread of 300 validation crops" in caplog.text
+    # 300 of 300 right vouches for 98.7 % (Wilson, 95 %), not for certainty
+    bound = accuracy_lower_bound(300, 300)
+    assert 0.985 < bound < 0.99
+    assert softmax(logits, temperature).max(axis=1).mean() == pytest.approx(bound, abs=1e-4)
+    assert 0.05 < temperature < 1.0  # sharper than the raw logits, not T -> 0
     # A few near misses (the true class a close second) are errors enough to fit T
     logits[np.arange(20), (targets[:20] + 1) % 5] += 4.5
     assert fit_temperature(logits, targets) < 1.0
+
+
+def test_accuracy_lower_bound_by_hand():
+    # Wilson score interval, z = 1.96: 599 of 600 -> 0.9907; 50 of 100 -> 0.4038
+    assert accuracy_lower_bound(599, 600) == pytest.approx(0.99066, abs=1e-4)
+    assert accuracy_lower_bound(50, 100) == pytest.approx(0.40383, abs=1e-4)
+    assert accuracy_lower_bound(0, 10) == 0.0
 
 
 def test_metrics_by_hand():
