@@ -520,16 +520,19 @@ class Locator:
                 return False
         # A band cuts the shank square: both facing ends are shank, as wide as
         # each other and as each part's shank. A screw's own end is a tip
-        # (narrower) or a head (wider); two heads are two screws.
+        # (narrower) or a head (wider); two heads are two screws. A head is
+        # judged against the wider part's shank: a piece that runs to the tip
+        # tapers, so its own median width is less than its facing end's.
         normal = np.array([-axis[1], axis[0]])
         shank_a, far_a, near_a = _width_profile(pa, a.points @ normal)
         shank_b, near_b, far_b = _width_profile(pb, b.points @ normal)
+        shank = max(shank_a, shank_b)
         heads = (far_a >= HEAD_RATIO * shank_a) + (far_b >= HEAD_RATIO * shank_b)
         return (
             heads < 2
             and abs(near_a - near_b) <= max(1.5, 0.3 * max(near_a, near_b))
-            and 0.7 * shank_a <= near_a < HEAD_RATIO * shank_a
-            and 0.7 * shank_b <= near_b < HEAD_RATIO * shank_b
+            and 0.7 * shank_a <= near_a < HEAD_RATIO * shank
+            and 0.7 * shank_b <= near_b < HEAD_RATIO * shank
         )
 
     def _paint_along(
