@@ -59,7 +59,8 @@ MAX_CUTS_PER_SCREW = 2
 # training set gets a scene of its own: 600 crops then span 600 scenes. Measured
 # against 6 a scene (about 110 scenes), on the same held-out and test crops:
 # 93.2 % against 92.5 % and 94.5 % against 93.0 % (README, Training). Rendering
-# takes about five times as long (100 s for 600 crops).
+# takes about five times as long (100 s for 600 crops through JPEG; the H.264
+# round trips of --codec mixed bring it to 3-6 minutes).
 MAX_CROPS_PER_SCENE = 1
 # A detection matches a truth object when their centres are this close
 # (the larger of a floor in px and a share of the screw's length).
