@@ -27,7 +27,7 @@ footage="$out/belt$line.mp4"
 i=0
 for colour in $colours; do
     i=$((i + 1))
-    for set in train:101:16 val:201:16 test:301:10; do
+    for set in train:100:16 val:200:16 test:300:10; do
         IFS=: read -r name base seconds <<<"$set"
         video="$out/rec/${name}_$colour.mp4"
         [ -s "$video" ] || $py -m training synth video --out "$video" --seconds "$seconds" \
