@@ -30,6 +30,9 @@ ECE_BINS = 15  # as in Guo et al.
 # confidence 1.00.
 MIN_ERRORS_TO_SHARPEN = 5
 BOUND_Z = 1.96  # two-sided 95 %
+# A degenerate validation set drives T towards 0 or infinity; keep it in a
+# range that still means something.
+T_RANGE = (0.05, 20.0)
 
 
 def expected_calibration_error(
@@ -78,12 +81,7 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray, max_iter: int = 100
                 temperature, errors, len(targets), floor, bound,
             )  # fmt: skip
             temperature = floor
-    # A degenerate validation set drives T towards 0 or infinity; keep it in a
-    # range that still means something.
-    return float(np.clip(temperature, T_RANGE[0], T_RANGE[1]))
-
-
-T_RANGE = (0.05, 20.0)
+    return float(np.clip(temperature, *T_RANGE))
 
 
 def accuracy_lower_bound(right: int, total: int, z: float = BOUND_Z) -> float:

@@ -37,16 +37,20 @@ import cv2
 import numpy as np
 
 from service.cli_support import bounded_int, existing_file, output_dir, setup_logging
-from service.config import DIRECTIONS
+from service.config import DIRECTIONS, PipelineSection
 from service.errors import DatasetError, UsageError
+from service.locate import Locator, cut_crop
+from service.track import Tracker
+from training.data import make_class_folder
 
 log = logging.getLogger(__name__)
 
 # A screw's crops are this share of the frame width apart along the belt (at
 # most), so they see it under different parts of the light.
 SPREAD_SHARE = 0.4
-# The decision line (as the daemon's default): a screw that reaches it is kept.
-DECISION_LINE = 0.5
+# The daemon's defaults: a screw that reaches its decision line is kept, and a
+# track ends after as many missed frames as the daemon allows.
+DAEMON = PipelineSection()
 # A recording with no screw in this many frames from the start is probably not
 # a belt at all (or the belt runs the other way): stop and say so.
 FRAMES_BEFORE_GIVING_UP = 900
@@ -67,8 +71,8 @@ def add_arguments(parser) -> None:
         help="stop after N crops (default: the whole recording)")
     arg("--size", type=bounded_int(16, 512), default=128, metavar="PX",
         help="crop side (128; the same as fit --img-size)")
-    arg("--direction", choices=DIRECTIONS, default=DIRECTIONS[0],
-        help=f"belt direction in the image ({DIRECTIONS[0]})")
+    arg("--direction", choices=DIRECTIONS, default=DAEMON.direction,
+        help=f"belt direction in the image ({DAEMON.direction})")
     arg("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     # fmt: on
 
@@ -79,10 +83,7 @@ def run(args) -> int:
     if not label or label in (".", "..") or any(c in label for c in "/\\"):
         raise UsageError(f"--label {args.label!r} is not usable as a folder name")
     folder = args.out / label
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot create class folder {str(folder)!r}: {exc.strerror}") from exc
+    make_class_folder(folder)
 
     started = time.perf_counter()
     cutter = Cutter(
@@ -90,7 +91,7 @@ def run(args) -> int:
         prefix=args.video.stem,
         size=args.size,
         per_screw=args.per_screw,
-        direction=1 if args.direction == DIRECTIONS[0] else -1,
+        direction=1 if args.direction == "left_to_right" else -1,
         limit=args.max,
     )
     capture = cv2.VideoCapture(str(args.video))
@@ -149,9 +150,6 @@ class Cutter:
         direction: int = 1,
         limit: int | None = None,
     ) -> None:
-        # Imported here, as in `synth crops`: the locator is the service's
-        from service.locate import Locator
-
         self.folder, self.prefix, self.size = folder, prefix, size
         self.per_screw, self.direction, self.limit = per_screw, direction, limit
         self.locator = Locator()
@@ -165,13 +163,13 @@ class Cutter:
         return self.limit is not None and self.written >= self.limit
 
     def add(self, image: np.ndarray) -> None:
-        from service.locate import cut_crop
-        from service.track import Tracker
-
         if self.tracker is None:
             width = image.shape[1]
             self.tracker = Tracker(
-                DECISION_LINE * width, self.direction, max_missed=2, frame_width=width
+                DAEMON.decision_line * width,
+                self.direction,
+                max_missed=DAEMON.max_missed,
+                frame_width=width,
             )
             self.spread_px = SPREAD_SHARE * width / self.per_screw
         step = self.tracker.update(self.locator.detect(image))

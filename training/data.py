@@ -198,3 +198,11 @@ def take_shots(
             )
         chosen.extend(members[:shots])
     return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def make_class_folder(path: Path) -> None:
+    """Create a class folder (and its parents) or say clearly why not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(f"cannot create class folder {str(path)!r}: {exc.strerror}") from exc

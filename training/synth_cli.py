@@ -39,6 +39,7 @@ from service.cli_support import (
 from service.errors import BeltsortError, DatasetError, UsageError
 from service.palette import default_palette
 from service.simulator import BeltSimulator, SceneOptions, SimFrame
+from training.data import make_class_folder
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def _run_crops(args) -> int:
         mode = "jpeg"
     names = [c.name for c in default_palette()]
     for name in names:
-        _make_folder(out / name)
+        make_class_folder(out / name)
     try:
         locator = Locator()
     except NotImplementedError:
@@ -485,10 +486,3 @@ class _CropWriter:
         if not cv2.imwrite(str(path), crop):
             raise DatasetError(f"OpenCV could not write crop {str(path)!r}")
         self.written += 1
-
-
-def _make_folder(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DatasetError(f"cannot create class folder {str(path)!r}: {exc.strerror}") from exc

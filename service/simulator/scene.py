@@ -130,12 +130,12 @@ class BeltSimulator:
         # Independent random streams, so e.g. a different noise level does not
         # change where the screws go
         streams = np.random.SeedSequence(seed).spawn(5)
+        if camera_seed is not None:
+            # One line's camera: the colour response of the scene `camera_seed`
+            streams[4] = np.random.SeedSequence(camera_seed).spawn(5)[4]
         rng_belt, rng_light, rng_camera, self._rng_arrivals, rng_colour = (
             np.random.default_rng(s) for s in streams
         )
-        if camera_seed is not None:
-            # One line's camera: the colour response of the scene `camera_seed`
-            rng_colour = np.random.default_rng(np.random.SeedSequence(camera_seed).spawn(5)[4])
 
         # The largest screw whose bounding circle fits across the belt, and
         # that has room along it to be fully in view
