@@ -332,8 +332,17 @@ def test_stop_decides_everything_in_flight_within_the_bound(model_path):
 def test_realtime_sheds_whole_frames_and_counts_them(model_path, belt_video):
     video, _ = belt_video
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    # A frame older than 1 ms when the locator takes it is stale: most frames go.
-    config = pipeline_config(model_path, [str(video)], endpoint, sources={"max_frame_age_ms": 1.0})
+    # Frames are shed when they wait (stale after 1 ms) or while too many crops
+    # are in flight. Waiting depends on the machine's load, so crops are also
+    # held in the batcher for up to a second (a batch of 1024 never fills):
+    # with more than one view in flight, the frames of that second are shed.
+    config = pipeline_config(
+        model_path,
+        [str(video)],
+        endpoint,
+        sources={"max_frame_age_ms": 1.0},
+        pipeline={"max_inflight_views": 1, "max_batch": 1024, "max_wait_ms": 1000.0},
+    )
     pipeline = Pipeline(config, exit_at_end=True, registry=CollectorRegistry())
     try:
         pipeline.start()
